@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root (if missing) and install the project into it.
+# Re-running is cheap: a stamp keyed on pyproject.toml skips pip when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.dpal-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  echo "[setup] NVIDIA GPU found: installing the default (CUDA) torch build"
+  .venv/bin/pip install -q 'torch>=2.3,<3'
+else
+  # A bare 'torch' pulls a multi-GB CUDA build; this pin is the CPU build.
+  echo "[setup] no GPU: installing CPU torch==2.13.*"
+  .venv/bin/pip install -q 'torch==2.13.*'
+fi
+echo "[setup] installing dpal and its dependencies"
+.venv/bin/pip install -q -e '.[dev]'
+rm -f .venv/.dpal-installed-*
+touch "$stamp"
