@@ -143,8 +143,15 @@ class RedisCoordinator(Coordinator):
         return bool(self.redis.ping())
 
     def record(self, project: str, new_annotations: int, force: bool = False) -> Outcome:
+        # One Lua round trip in the common case; the lost-job check only runs when a job looks
+        # queued, so webhooks stay fast under bursts.
+        result = self._record_once(project, new_annotations, force)
+        if result is Outcome.ALREADY_QUEUED and self._forget_lost_job(project):
+            result = self._record_once(project, 0, force=True)
+        return result
+
+    def _record_once(self, project: str, new_annotations: int, force: bool) -> Outcome:
         k = _keys(project)
-        self._forget_lost_job(project)
         job_id = new_job_id(project)
         outcome, _ = self._record(
             keys=[k["pending"], k["queued"], k["running"], k["followup"]],
@@ -174,15 +181,17 @@ class RedisCoordinator(Coordinator):
             raise
         log.info("project %s: enqueued training job %s", project, job_id)
 
-    def _forget_lost_job(self, project: str) -> None:
-        """A 'queued' flag whose RQ job is gone (deleted, expired, failed) must not block runs."""
+    def _forget_lost_job(self, project: str) -> bool:
+        """A 'queued' flag whose RQ job is gone (deleted, expired, failed) must not block runs.
+
+        Returns True when a stale flag was cleared."""
         from rq.exceptions import NoSuchJobError
         from rq.job import Job, JobStatus
 
         key = _keys(project)["queued"]
         raw = self.redis.get(key)
         if not raw:
-            return
+            return False
         job_id = raw.decode()
         try:
             status = Job.fetch(job_id, connection=self.redis).get_status()
@@ -191,7 +200,9 @@ class RedisCoordinator(Coordinator):
             age = QUEUED_TTL_S - max(0, self.redis.ttl(key))
             status = None if age > LOST_JOB_GRACE_S else JobStatus.QUEUED
         if status in (None, JobStatus.FAILED, JobStatus.FINISHED, JobStatus.CANCELED, JobStatus.STOPPED):
-            self._unqueue(keys=[_keys(project)["queued"]], args=[job_id])
+            log.warning("project %s: queued job %s is gone (%s); queueing a new one", project, job_id, status)
+            return bool(self._unqueue(keys=[key], args=[job_id]))
+        return False
 
     def job_started(self, project: str, job_id: str) -> bool:
         k = _keys(project)

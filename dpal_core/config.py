@@ -93,7 +93,7 @@ class TrainConfig:
     neg_weight: float = 1.0  # lambda in L = L_cls + lambda * L_neg
     wrong_class: WrongClass = WrongClass.HARDEST
     seed: int = 0
-    mixed_precision: str = "no"  # "no", "fp16", "bf16" (handed to Accelerate)
+    mixed_precision: str | None = None  # "no", "fp16", "bf16"; None: Accelerate's env/config decides
     device: str = "auto"  # "auto", "cpu", "cuda"
     progress: bool | None = None  # None: show a progress bar when stderr is a terminal
 
@@ -101,7 +101,7 @@ class TrainConfig:
         _coerce(self, "wrong_class", WrongClass)
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer={self.optimizer!r} is not one of: sgd, adamw")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} is not one of: no, fp16, bf16")
         _positive(self, "lr", "batch_size", "target_steps", "max_epochs")
         if self.epochs < 0 or self.neg_weight < 0 or self.weight_decay < 0:

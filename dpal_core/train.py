@@ -55,7 +55,9 @@ class TrainReport:
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator honouring ``config.device`` and ``config.mixed_precision``."""
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    precision = config.mixed_precision if not cpu else "no"  # fp16 autocast is a GPU feature
+    # None lets Accelerate read ACCELERATE_MIXED_PRECISION / `accelerate config` (the GPU worker's
+    # compose service sets fp16 that way). On CPU half precision is refused, so it is always "no".
+    precision = "no" if cpu else config.mixed_precision
     return Accelerator(cpu=cpu, mixed_precision=precision)
 
 
