@@ -87,7 +87,9 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str | torch.devi
     ):
         raise BackboneUnavailableError(f"CLIP backbone folder '{name_or_path}' does not exist.")
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report lists unused heads; it is noise here
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every start
     try:
         model = CLIPModel.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -99,6 +101,8 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str | torch.devi
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if not isinstance(model, CLIPModel):
         raise BackboneUnavailableError(f"'{name_or_path}' is not a CLIP model")
     model.requires_grad_(False).eval().to(device)
