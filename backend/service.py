@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -30,7 +31,7 @@ from backend.store import ModelStore, VersionInfo, project_key, version_string
 from dpal_core.backbone import Backbone, backbone_identity, load_backbone
 from dpal_core.cache import EmbeddingCache
 from dpal_core.checkpoint import load_checkpoint
-from dpal_core.model import DualPromptCLIP, ZeroShotCLIP, predict
+from dpal_core.model import DualPromptCLIP, Scores, ZeroShotCLIP, make_scorer, predict
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class ServedModel:
     info: VersionInfo
     model: DualPromptCLIP | ZeroShotCLIP
     stamp: tuple[int, int] | None
+    scorer: Callable[..., Scores]  # text features computed once per loaded version
 
 
 class BackboneHolder:
@@ -161,7 +163,7 @@ class DPALModel:
             model: DualPromptCLIP | ZeroShotCLIP = ZeroShotCLIP(backbone, cfg.class_names)
         else:
             model = load_checkpoint(info.path, backbone, cfg.class_names)
-        served = ServedModel(info, model, stamp)
+        served = ServedModel(info, model, stamp, make_scorer(model))
         with self._served_lock:
             self._served[project] = served  # one assignment: requests in flight keep the old one
         log.info("project %s: serving %s", project, info.model_version)
@@ -189,11 +191,19 @@ class DPALModel:
         if getattr(served.model, "needs_pixels", False):
             px = await encoder.pixels(urls, ids)
             ok, errors = px.ok, px.errors
-            pred = predict(served.model, pixel_values=px.pixel_values) if ok.any() else None
+            pred = (
+                predict(served.model, pixel_values=px.pixel_values, scorer=served.scorer)
+                if ok.any()
+                else None
+            )
         else:
             emb = await encoder.embed(urls, ids)
             ok, errors = emb.ok, emb.errors
-            pred = predict(served.model, features=torch.from_numpy(emb.vectors[ok])) if ok.any() else None
+            pred = (
+                predict(served.model, features=torch.from_numpy(emb.vectors[ok]), scorer=served.scorer)
+                if ok.any()
+                else None
+            )
         self.counters["tasks_failed"] += len(errors)
         if pred is not None:
             good = np.flatnonzero(ok)

@@ -9,7 +9,7 @@ For an image with visual embedding ``v = normalize(h(E_I(x)))``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -188,12 +188,15 @@ def predict(
     features: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     batch_size: int = 4096,
+    scorer: Callable[..., Scores] | None = None,
 ) -> Prediction:
     """Score images in batches. Text features are computed once, not once per batch.
 
     Args:
         features: [N, D] cached embeddings (coop, adapter, zero-shot).
         pixel_values: [N, 3, S, S] (vpt, or when no embeddings are cached).
+        scorer: from :func:`make_scorer`; a server keeps one per loaded model so the text encoder
+            does not run on every request (seconds at ViT-B size).
     """
     was_training = model.training
     model.eval()
@@ -203,7 +206,7 @@ def predict(
             raise EmbeddingError("give image embeddings or pixel values")
         if features is not None:
             check_features(features, model.embed_dim)
-        scorer = _cached_text_scorer(model)
+        scorer = scorer or make_scorer(model)
         preds, cleans, probs = [], [], []
         device = model.clip.logit_scale.device
         for start in range(0, source.shape[0], batch_size):
@@ -220,10 +223,14 @@ def predict(
         model.train(was_training)
 
 
-def _cached_text_scorer(model: DualPromptCLIP | ZeroShotCLIP):
-    """A scoring function that reuses one text-encoder pass for every batch."""
+@torch.no_grad()
+def make_scorer(model: DualPromptCLIP | ZeroShotCLIP) -> Callable[..., Scores]:
+    """A scoring function ``(features, pixel_values=None) -> Scores`` over one text-encoder pass.
+
+    Valid until the model's prompts change (training); inference-only servers keep it per version.
+    """
     if isinstance(model, ZeroShotCLIP):
-        return model
+        return model  # its text features are a buffer already
     t_pos, t_neg = model.text_features()
     scale = model.clip.logit_scale.exp().float()
 
