@@ -22,6 +22,19 @@ def redact(text: str) -> str:
     return text
 
 
+def _contains_secret(text: str) -> bool:
+    return any(secret in text for secret in _installed)
+
+
+def _redact_arg(value: object) -> object:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, (int, float, bool, type(None))):
+        return value
+    text = str(value)
+    return redact(text) if _contains_secret(text) else value
+
+
 def _factory(*args, **kwargs) -> logging.LogRecord:
     record = _base_factory(*args, **kwargs)
     if not _installed:
@@ -30,7 +43,21 @@ def _factory(*args, **kwargs) -> logging.LogRecord:
         message = record.getMessage()
     except Exception:  # noqa: BLE001 - a bad format string must still be logged
         message = str(record.msg)
-    record.msg, record.args = redact(message), ()
+    if _contains_secret(message):
+        # Redact argument by argument so formatters that read record.args keep their shape
+        # (uvicorn's access log unpacks five of them); collapse only if that was not enough.
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_arg(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _redact_arg(v) for k, v in record.args.items()}
+        try:
+            still = _contains_secret(record.getMessage())
+        except Exception:  # noqa: BLE001
+            still = True
+        if still:
+            record.msg, record.args = redact(message), ()
     if record.exc_info and record.exc_info[0] is not None:
         record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
     return record
