@@ -106,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO: one line per Label Studio page or image would drown ours.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     return COMMANDS[args.command](args)
 
 

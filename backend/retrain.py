@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,11 @@ from backend.rescore import PushSpec, predictions_for, push_predictions, score_t
 from backend.store import ModelStore, VersionInfo
 from backend.training_defaults import JobOptions, prompt_config, train_config
 from backend.trainset import TrainingSnapshot, build_snapshot, fingerprint
+from dpal_core.backbone import Backbone
 from dpal_core.checkpoint import load_checkpoint
+from dpal_core.config import PromptConfig
 from dpal_core.model import DualPromptCLIP
+from dpal_core.prompts import max_context_tokens
 
 if TYPE_CHECKING:
     from backend.jobs import JobContext, JobProgress
@@ -51,6 +55,25 @@ class JobRun:
     @property
     def retry(self) -> RetryPolicy:
         return RetryPolicy(self.opts.http_attempts, self.opts.backoff_s, self.opts.backoff_max_s)
+
+
+def fit_context(pcfg: PromptConfig, backbone: Backbone, names: Sequence[str], explicit: bool) -> PromptConfig:
+    """``pcfg`` with as many context tokens as the text encoder has room for next to every name.
+
+    The default (16) fits real CLIP's 77 positions with room to spare; a short text encoder (the
+    proxy stand-in has 16 positions) or very long class names get fewer, with a warning, unless
+    the count was set explicitly, which then must fit.
+    """
+    room = max_context_tokens(backbone.model, backbone.tokenizer, names)
+    if pcfg.n_ctx <= room:
+        return pcfg
+    if explicit or room < 1:
+        raise JobError(
+            f"{pcfg.n_ctx} context tokens do not fit the text encoder next to the longest class name "
+            f"(room for {max(room, 0)}); shorten the class names or use a backbone with longer text input"
+        )
+    log.warning("text encoder has room for %d context tokens, not %d: using %d", room, pcfg.n_ctx, room)
+    return replace(pcfg, n_ctx=room)
 
 
 def run_training(
@@ -92,6 +115,7 @@ def _run(run: JobRun) -> dict[str, Any]:
         return {**summary, "status": "no_annotations"}
 
     pcfg, tcfg = prompt_config(ctx.settings, opts), train_config(ctx.settings, opts)
+    pcfg = fit_context(pcfg, ctx.backbone, cfg.class_names, explicit="n_ctx" in opts.prompt)
     current = ctx.store.current(key, ctx.backbone.backbone_id, cfg.class_names)
 
     # 2. embeddings (cached) or pixels

@@ -242,3 +242,23 @@ def _png() -> str:
 
 
 _PNG = _png()
+
+
+def test_context_shrinks_to_fit_a_short_text_encoder(backbone):
+    from backend.retrain import JobError, fit_context
+    from dpal_core.config import PromptConfig
+    from dpal_core.model import DualPromptCLIP
+    from dpal_core.prompts import max_context_tokens
+
+    names = ["cat", "dog", "spotted cat"]
+    room = max_context_tokens(backbone.model, backbone.tokenizer, names)
+    assert 1 <= room < 32  # the tiny encoder has 32 positions
+    wide = PromptConfig(n_ctx=room + 5)
+    fitted = fit_context(wide, backbone, names, explicit=False)
+    assert fitted.n_ctx == room and fitted.paradigm == wide.paradigm
+    DualPromptCLIP(backbone, names, fitted)  # builds: the prompts fit
+    assert fit_context(PromptConfig(n_ctx=2), backbone, names, explicit=False).n_ctx == 2
+    with pytest.raises(JobError, match="do not fit"):
+        fit_context(wide, backbone, names, explicit=True)  # an explicit choice is never overridden
+    with pytest.raises(JobError, match="room for 0"):
+        fit_context(PromptConfig(n_ctx=1), backbone, ["word " * 40], explicit=False)
