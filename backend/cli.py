@@ -73,6 +73,13 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    from dpal_core.bench.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpal", description="Dual-prompt CLIP active learning for Label Studio."
@@ -92,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="current model version, its metrics and any running job")
     p.add_argument("project", help="Label Studio project id")
+
+    from dpal_core.bench.cli import add_arguments as add_bench_arguments  # argparse only: cheap
+
+    p = sub.add_parser("bench", help="active-learning benchmark of the selection strategies (offline)")
+    add_bench_arguments(p)
     return parser
 
 
