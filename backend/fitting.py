@@ -18,10 +18,11 @@ from backend.training_defaults import JobOptions
 from backend.trainset import TrainingSnapshot
 from dpal_core.backbone import encode_images
 from dpal_core.checkpoint import load_checkpoint, read_checkpoint_config
-from dpal_core.config import PromptConfig, TrainConfig
+from dpal_core.config import CrossfitConfig, PromptConfig, TrainConfig
+from dpal_core.crossfit import train_crossfit
 from dpal_core.errors import CheckpointError
 from dpal_core.model import DualPromptCLIP, ZeroShotCLIP, predict
-from dpal_core.train import TrainData, train
+from dpal_core.train import TrainData
 
 if TYPE_CHECKING:
     from backend.jobs import JobContext
@@ -100,6 +101,20 @@ def load_labelled(
     return data, errors
 
 
+def cached_pool(ctx: JobContext, snap: TrainingSnapshot, size: int, seed: int) -> torch.Tensor | None:
+    """[U, D] cached embeddings of up to ``size`` unlabelled tasks (a seeded sample), or None.
+
+    Only the embedding cache is read: the pool term of cross-fitting never downloads an image.
+    Pool images get cached when Label Studio asks for predictions and at every re-score.
+    """
+    urls = snap.pool_urls
+    if not urls or size == 0:
+        return None
+    pick = np.sort(np.random.default_rng(seed).choice(len(urls), min(size, len(urls)), replace=False))
+    vectors, found = ctx.encoder.cache.get([urls[i] for i in pick])
+    return torch.from_numpy(np.ascontiguousarray(vectors[found])) if found.any() else None
+
+
 def stored_metadata(info: VersionInfo) -> dict[str, Any]:
     """The metadata stored with a published version ({} for version 0 or an unreadable one)."""
     if info.path is None:
@@ -116,11 +131,16 @@ def fit_and_evaluate(
     data: LabelledData,
     pcfg: PromptConfig,
     tcfg: TrainConfig,
+    xcfg: CrossfitConfig,
     opts: JobOptions,
     current: VersionInfo,
     progress,
+    pool: torch.Tensor | None = None,
 ) -> tuple[DualPromptCLIP, dict[str, Any], int | None]:
     """Train the version to publish and measure it on held-out annotations.
+
+    Every fit (evaluation folds included) is cross-fitted as ``xcfg`` says, with ``pool`` [U, D]
+    (cached embeddings of unlabelled tasks) for its pool term.
 
     Returns:
         (model, metrics, version warm-started from or None).
@@ -140,7 +160,7 @@ def fit_and_evaluate(
             except CheckpointError as exc:
                 log.warning("warm start from version %s impossible (%s); re-initialising", warm_from, exc)
         model = model or DualPromptCLIP(ctx.backbone, cfg.class_names, pcfg)
-        report = train(model, data.train_data(idx), tcfg)
+        report = train_crossfit(model, data.train_data(idx), tcfg, xcfg, pool=pool)
         return model, report.final_loss
 
     zs = predict(ZeroShotCLIP(ctx.backbone, cfg.class_names), features=data.features).pred.numpy()

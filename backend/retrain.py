@@ -16,12 +16,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from backend.evaluation import refusal_reason
-from backend.fitting import baseline_for, fit_and_evaluate, load_labelled, stored_metadata
+from backend.fitting import baseline_for, cached_pool, fit_and_evaluate, load_labelled, stored_metadata
 from backend.labelconfig import parse_label_config
 from backend.lsclient import LabelStudioClient, RetryPolicy
 from backend.rescore import PushSpec, predictions_for, push_predictions, score_tasks
 from backend.store import ModelStore, VersionInfo
-from backend.training_defaults import JobOptions, prompt_config, train_config
+from backend.training_defaults import JobOptions, crossfit_config, prompt_config, train_config
 from backend.trainset import TrainingSnapshot, build_snapshot, fingerprint
 from dpal_core.backbone import Backbone
 from dpal_core.checkpoint import load_checkpoint
@@ -114,7 +114,7 @@ def _run(run: JobRun) -> dict[str, Any]:
         log.info("project %s: no usable annotations; nothing to train", key)
         return {**summary, "status": "no_annotations"}
 
-    pcfg, tcfg = prompt_config(ctx.settings, opts), train_config(ctx.settings, opts)
+    pcfg, tcfg, xcfg = prompt_config(ctx.settings, opts), train_config(ctx.settings, opts), crossfit_config(opts)
     pcfg = fit_context(pcfg, ctx.backbone, cfg.class_names, explicit="n_ctx" in opts.prompt)
     current = ctx.store.current(key, ctx.backbone.backbone_id, cfg.class_names)
 
@@ -138,6 +138,7 @@ def _run(run: JobRun) -> dict[str, Any]:
             cfg.class_names,
             pcfg.to_dict(),
             repr(tcfg),
+            repr(xcfg),
             opts.warm_start,
             pairs,
         ]
@@ -151,7 +152,12 @@ def _run(run: JobRun) -> dict[str, Any]:
         summary["metrics"] = current.metrics
     else:
         # 3-4. train and evaluate
-        model, metrics, warm_from = fit_and_evaluate(ctx, cfg, data, pcfg, tcfg, opts, current, progress)
+        use_pool = xcfg.enabled and xcfg.pool_weight > 0 and data.pixels is None
+        pool = cached_pool(ctx, snap, xcfg.pool_size, tcfg.seed) if use_pool else None
+        summary["crossfit_pool"] = 0 if pool is None else len(pool)
+        model, metrics, warm_from = fit_and_evaluate(
+            ctx, cfg, data, pcfg, tcfg, xcfg, opts, current, progress, pool
+        )
         baseline, name = baseline_for(current, metrics)
         reason = refusal_reason(metrics, baseline, name, opts)
         if not math.isfinite(metrics["final_loss"]):
@@ -171,6 +177,7 @@ def _run(run: JobRun) -> dict[str, Any]:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "warm_start_from": warm_from,
             "train_config": repr(tcfg),
+            "crossfit_config": repr(xcfg),
             "annotations": snap.report(),
         }
         info, status = ctx.store.publish(key, model, metadata), "published"

@@ -3,7 +3,11 @@
 Everything the benchmark may tune later is a field of :class:`JobOptions`; prompts and training
 take their own dataclasses (``PromptConfig``, ``TrainConfig``) built here from the server settings
 plus optional overrides. A job may carry overrides (``{"job": {...}, "prompt": {...},
-"train": {...}}``); the server never sends any, tests and benchmarks do.
+"train": {...}, "crossfit": {...}}``); the server never sends any, tests and benchmarks do.
+
+Cross-fitting (``CrossfitConfig``, on by default) teaches the negative prompt from out-of-fold
+mistakes and from fold models' agreement on cached pool embeddings; it is what makes ``p_clean``
+a better error detector than max-softmax in the benchmark, at about K+1 times the training cost.
 
 Warm start vs re-initialisation: ``warm_start=False`` (default) re-initialises the prompts every
 round, PCB's protocol, so a version depends only on the annotations and the seed (re-running a job
@@ -23,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from dpal_core.config import PromptConfig, TrainConfig
+from dpal_core.config import CrossfitConfig, PromptConfig, TrainConfig
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -54,6 +58,7 @@ class JobOptions:
     heartbeat_s: float = 15.0  # run-lock refresh period (lock TTL is backend.queue.LOCK_TTL_S)
     prompt: dict[str, Any] = field(default_factory=dict)  # PromptConfig field overrides
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig field overrides
+    crossfit: dict[str, Any] = field(default_factory=dict)  # CrossfitConfig field overrides
 
     def __post_init__(self) -> None:
         for name in (
@@ -74,19 +79,18 @@ class JobOptions:
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any] | None) -> JobOptions:
-        """Defaults updated with ``{"job": {...}, "prompt": {...}, "train": {...}}``."""
+        """Defaults updated with ``{"job": {...}, "prompt": {...}, "train": {...}, "crossfit": {...}}``."""
         overrides = dict(overrides or {})
-        unknown = set(overrides) - {"job", "prompt", "train"}
+        sections = ("prompt", "train", "crossfit")
+        unknown = set(overrides) - {"job", *sections}
         if unknown:
-            raise ValueError(f"unknown override sections {sorted(unknown)}; use job, prompt, train")
+            raise ValueError(f"unknown override sections {sorted(unknown)}; use job, prompt, train, crossfit")
         job = dict(overrides.get("job") or {})
-        known = {f.name for f in fields(cls)} - {"prompt", "train"}
+        known = {f.name for f in fields(cls)} - set(sections)
         bad = set(job) - known
         if bad:
             raise ValueError(f"unknown job options {sorted(bad)}")
-        return replace(
-            cls(), prompt=dict(overrides.get("prompt") or {}), train=dict(overrides.get("train") or {}), **job
-        )
+        return replace(cls(), **{name: dict(overrides.get(name) or {}) for name in sections}, **job)
 
 
 def prompt_config(settings: Settings, options: JobOptions) -> PromptConfig:
@@ -98,3 +102,8 @@ def train_config(settings: Settings, options: JobOptions) -> TrainConfig:
     """Training of a new version: CoOp/PCB defaults on the device of ``DPAL_DEVICE``."""
     device = settings.device if settings.device in ("auto", "cpu", "cuda") else "cuda"  # cuda:N -> cuda
     return TrainConfig(**{"device": device, "progress": False, **options.train})
+
+
+def crossfit_config(options: JobOptions) -> CrossfitConfig:
+    """How P- learns from real mistakes: CrossfitConfig's defaults unless overridden."""
+    return CrossfitConfig(**options.crossfit)

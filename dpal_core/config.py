@@ -91,7 +91,9 @@ class TrainConfig:
     target_steps: int = 200  # optimiser steps aimed at when epochs == 0
     max_epochs: int = 200  # cap for the automatic epoch count
     neg_weight: float = 1.0  # lambda in L = L_cls + lambda * L_neg
-    wrong_class: WrongClass = WrongClass.HARDEST
+    # random, not hardest: with cross-fitting it gives the better error detector
+    # (benchmarks/results/animal-mnist/ABLATIONS.md); predictions do not depend on it.
+    wrong_class: WrongClass = WrongClass.RANDOM
     seed: int = 0
     mixed_precision: str | None = None  # "no", "fp16", "bf16"; None: Accelerate's env/config decides
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -113,3 +115,25 @@ class TrainConfig:
             return self.epochs
         steps_per_epoch = max(1, -(-n_samples // self.batch_size))
         return int(min(self.max_epochs, max(1, -(-self.target_steps // steps_per_epoch))))
+
+
+@dataclass(frozen=True)
+class CrossfitConfig:
+    """How the negative prompt learns from real mistakes (:mod:`dpal_core.crossfit`)."""
+
+    folds: int = 4  # K of the K-fold split whose out-of-fold predictions teach P-; 0 = plain training
+    steps: int = 100  # full-batch optimiser steps of each fold classifier and of the P- refinement
+    repeats: int = 1  # K-fold splits; each gives every labelled sample one out-of-fold prediction
+    pool_weight: float = 10.0  # weight of the unlabelled-pool term (fold models' agreement); 0 = off
+    pool_size: int = 2000  # unlabelled images sampled for that term
+
+    def __post_init__(self) -> None:
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"crossfit folds must be 0 (off) or >= 2, got {self.folds!r}")
+        _positive(self, "steps", "repeats")
+        if self.pool_weight < 0 or self.pool_size < 0:
+            raise ConfigError("crossfit pool_weight and pool_size must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.folds >= 2

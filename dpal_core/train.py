@@ -118,6 +118,7 @@ def train(
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     model_p.train()
+    opt_p.zero_grad(set_to_none=True)  # gradients left by earlier work on the same model must not leak in
     for epoch in range(epochs):
         sums = {"loss": 0.0, "l_cls": 0.0, "l_neg": 0.0}
         for x, y in loader_p:

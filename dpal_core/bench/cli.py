@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--paradigm", choices=[p.value for p in Paradigm], default=None)
     g.add_argument("--wrong-class", choices=[w.value for w in WrongClass], default=None)
     g.add_argument("--n-ctx", type=int, default=None, help="context vectors per prompt")
-    g.add_argument("--crossfit-folds", type=int, default=None, help="0 = off; >= 2 folds")
+    g.add_argument("--crossfit-folds", type=int, default=None, help="0 = plain training; >= 2 folds")
+    g.add_argument("--pool-weight", type=float, default=None,
+                   help="weight of cross-fitting's unlabelled-pool term (0 = labels only)")  # fmt: skip
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True, help="results folder (results.json, results.md, curves.png)")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="image-embedding cache ('' = none)")
@@ -60,7 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """A :class:`BenchConfig` from parsed arguments."""
-    from dpal_core.bench.fit import FitOptions
     from dpal_core.bench.prepare import DataSpec
     from dpal_core.bench.protocol import BenchConfig
     from dpal_core.strategies import strategy_names
@@ -75,7 +76,9 @@ def config_from_args(args: argparse.Namespace):
     if args.wrong_class:
         train = replace(train, wrong_class=args.wrong_class)
     if args.crossfit_folds is not None:
-        fit = FitOptions(**{**fit.__dict__, "crossfit_folds": args.crossfit_folds})
+        fit = replace(fit, crossfit=replace(fit.crossfit, folds=args.crossfit_folds))
+    if args.pool_weight is not None:
+        fit = replace(fit, crossfit=replace(fit.crossfit, pool_weight=args.pool_weight))
     return BenchConfig(
         data=DataSpec(
             args.dataset, args.test_split, args.test_dir, args.shift, args.pool_size, args.test_size

@@ -15,13 +15,13 @@ import torch
 
 from dpal_core.backbone import Backbone
 from dpal_core.bench.prepare import BenchData
-from dpal_core.config import PromptConfig, TrainConfig
-from dpal_core.errors import ConfigError
+from dpal_core.config import CrossfitConfig, PromptConfig, TrainConfig
+from dpal_core.crossfit import train_crossfit
 from dpal_core.metrics import accuracy, error_detection_auroc, expected_calibration_error
 from dpal_core.model import DualPromptCLIP, ZeroShotCLIP, predict
 from dpal_core.prompts import PromptContext, word_init_embeddings
 from dpal_core.strategies import UNCERTAINTY_SIGNALS, SelectionInput, uncertainty_signal
-from dpal_core.train import TrainData, train
+from dpal_core.train import TrainData
 
 # Strategies that rank by no per-sample score are judged, for error detection, by the score closest
 # to what they use: PCB filters on entropy; the others fall back to the classifier's max softmax.
@@ -31,18 +31,15 @@ DEFAULT_SIGNAL = "least_confidence"
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Benchmark-only training options (candidates for TrainConfig/PromptConfig)."""
+    """Benchmark-only training options (candidates for TrainConfig/PromptConfig), and cross-fitting."""
 
-    crossfit_folds: int = 0  # >= 2: refine P- on out-of-fold right/wrong predictions (dpal_core.crossfit)
-    crossfit_steps: int = 100  # optimiser steps of each fold model and of the P- refinement
+    crossfit: CrossfitConfig = CrossfitConfig()  # P- refined on real mistakes (dpal_core.crossfit)
     neg_class_specific: bool = False  # one negative context per class (P+ keeps PromptConfig's choice)
     balance_classes: bool = False  # repeat labelled samples of rare classes so every class counts equally
 
     def __post_init__(self) -> None:
-        if self.crossfit_folds == 1 or self.crossfit_folds < 0:
-            raise ConfigError(f"crossfit_folds must be 0 (off) or >= 2, got {self.crossfit_folds}")
-        if self.crossfit_steps < 1:
-            raise ConfigError(f"crossfit_steps must be >= 1, got {self.crossfit_steps}")
+        if isinstance(self.crossfit, dict):  # from a results file or config_with(fit={...})
+            object.__setattr__(self, "crossfit", CrossfitConfig(**self.crossfit))
 
 
 def signal_name(strategy: str) -> str:
@@ -62,7 +59,10 @@ def fit_round(
     seed: int,
     previous: DualPromptCLIP | None = None,
 ) -> DualPromptCLIP:
-    """A dual-prompt model trained on the pool samples ``labeled`` (fresh, or ``previous`` continued)."""
+    """A dual-prompt model trained on the pool samples ``labeled`` (fresh, or ``previous`` continued).
+
+    With cross-fitting on, the rest of the pool (unlabelled) feeds its pool term.
+    """
     torch.manual_seed(seed)  # the prompt initialisation
     if previous is not None:
         model = previous
@@ -81,12 +81,8 @@ def fit_round(
         if options.balance_classes
         else once
     )
-    if options.crossfit_folds:
-        from dpal_core.crossfit import train_crossfit
-
-        train_crossfit(model, once, config, options.crossfit_folds, options.crossfit_steps, train_data)
-    else:
-        train(model, train_data, config)
+    unlabeled = np.setdiff1d(np.arange(len(data.pool_labels)), labeled)
+    train_crossfit(model, once, config, options.crossfit, train_data, pool=data.pool_features[unlabeled])
     return model
 
 

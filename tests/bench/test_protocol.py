@@ -109,7 +109,7 @@ def test_resume_refuses_other_settings(tmp_path, backbone, config) -> None:
 def test_round0_random_warm_start_and_crossfit(tmp_path, backbone, config) -> None:
     cfg = config_with(
         config, strategies=("dual_prompt",), round0="random", warm_start=True,
-        fit={"crossfit_folds": 2, "crossfit_steps": 2, "neg_class_specific": True},
+        fit={"crossfit": {"folds": 2, "steps": 2, "pool_size": 8}, "neg_class_specific": True},
     )  # fmt: skip
     results = run_benchmark(cfg, tmp_path / "out", backbone=backbone, progress=False)
     assert results["summary"]["dual_prompt"]["n_labels"] == [3, 6]
@@ -120,8 +120,8 @@ def test_config_validation() -> None:
         BenchConfig(strategies=("nope",))
     with pytest.raises(ConfigError, match="round0"):
         BenchConfig(round0="first")
-    with pytest.raises(ConfigError, match="crossfit_folds"):
-        FitOptions(crossfit_folds=1)
+    with pytest.raises(ConfigError, match="folds"):
+        FitOptions(crossfit={"folds": 1})
 
 
 def test_aubc() -> None:
@@ -135,11 +135,13 @@ def test_cli_arguments(folder: Path) -> None:
 
     args = build_parser().parse_args(
         ["bench", "--dataset", str(folder), "--test-split", "test", "--strategies", "random,badge",
-         "--seeds", "2", "--paradigm", "adapter", "--wrong-class", "hardest", "--out", "x"]
+         "--seeds", "2", "--paradigm", "adapter", "--wrong-class", "hardest", "--crossfit-folds", "0",
+         "--pool-weight", "2", "--out", "x"]
     )  # fmt: skip
     cfg = config_from_args(args)
     assert cfg.strategies == ("random", "badge") and cfg.seeds == 2
     assert cfg.prompt.paradigm.value == "adapter" and cfg.train.wrong_class.value == "hardest"
+    assert cfg.fit.crossfit.folds == 0 and cfg.fit.crossfit.pool_weight == 2
     assert cfg.data.test_split == "test"
     all_args = build_parser().parse_args(["bench", "--out", "x"])
     assert len(config_from_args(all_args).strategies) == 9
