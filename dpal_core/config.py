@@ -91,6 +91,9 @@ class TrainConfig:
     target_steps: int = 200  # optimiser steps aimed at when epochs == 0
     max_epochs: int = 200  # cap for the automatic epoch count
     neg_weight: float = 1.0  # lambda in L = L_cls + lambda * L_neg
+    # Anchor: + anchor_weight * mean_c ||t+_c - t_zs_c||^2, t_zs = the hand prompt's text feature
+    # (KgCoOp, Yao et al. 2023). Keeps few-label prompts from forgetting what zero-shot CLIP knew.
+    anchor_weight: float = 0.0
     # random, not hardest: with cross-fitting it gives the better error detector
     # (benchmarks/results/animal-mnist/ABLATIONS.md); predictions do not depend on it.
     wrong_class: WrongClass = WrongClass.RANDOM
@@ -106,8 +109,8 @@ class TrainConfig:
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} is not one of: no, fp16, bf16")
         _positive(self, "lr", "batch_size", "target_steps", "max_epochs")
-        if self.epochs < 0 or self.neg_weight < 0 or self.weight_decay < 0:
-            raise ConfigError("epochs, neg_weight and weight_decay must be >= 0")
+        if self.epochs < 0 or self.neg_weight < 0 or self.weight_decay < 0 or self.anchor_weight < 0:
+            raise ConfigError("epochs, neg_weight, anchor_weight and weight_decay must be >= 0")
 
     def epochs_for(self, n_samples: int) -> int:
         """Epochs for a labelled set of ``n_samples``: fixed, or enough for ~target_steps steps."""

@@ -114,7 +114,12 @@ def out_of_fold_logits(
                 opt, sched = _optimizer(params, config, steps)
                 for _ in range(steps):
                     v = model.visual_features(**x_fit)
-                    loss = F.cross_entropy(_positive_logits(model, v), data.labels[fit])
+                    t_pos = _text(model, model.prompt_pos)  # [C, D]
+                    l_pos = model.clip.logit_scale.exp().float() * v @ t_pos.t()  # [B, C]
+                    loss = F.cross_entropy(l_pos, data.labels[fit])
+                    if config.anchor_weight > 0:  # fold models train like the final one
+                        anchor = (t_pos - model.zero_shot_text).pow(2).sum(-1).mean()
+                        loss = loss + config.anchor_weight * anchor
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -37,11 +37,15 @@ def dual_prompt_loss(
     neg_weight: float,
     mode: WrongClass,
     generator: torch.Generator | None = None,
+    anchor: torch.Tensor | None = None,
+    anchor_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``L = L_cls + lambda * L_neg``.
+    """``L = L_cls + lambda * L_neg (+ anchor_weight * L_anchor)``.
 
     ``L_cls = CE(softmax(l+), y)`` trains P+ and h. ``L_neg = -log p_yes_y - log(1 - p_yes_ybar)``
-    trains P- only (p_yes already stops the gradient into l+ and v).
+    trains P- only (p_yes already stops the gradient into l+ and v). ``L_anchor`` is the mean
+    squared distance of t+ ([C, D], ``scores.text_pos``) to ``anchor`` [C, D], the hand prompt's
+    text features; it trains P+ only.
     Returns the loss and its parts as floats for logging.
     """
     assert scores.p_yes is not None, "dual_prompt_loss needs a DualPromptCLIP's scores"
@@ -53,8 +57,15 @@ def dual_prompt_loss(
     d_wrong = diff.gather(1, wrong.unsqueeze(1)).squeeze(1)
     l_neg = (-F.logsigmoid(d_true) - F.logsigmoid(-d_wrong)).mean()
     loss = l_cls + neg_weight * l_neg
+    l_anchor = torch.zeros(())
+    if anchor_weight > 0:
+        if scores.text_pos is None or anchor is None:
+            raise ValueError("the anchor loss needs the pass's positive text features and the anchor")
+        l_anchor = (scores.text_pos - anchor).pow(2).sum(dim=-1).mean()
+        loss = loss + anchor_weight * l_anchor
     return loss, {
         "loss": float(loss.detach()),
         "l_cls": float(l_cls.detach()),
         "l_neg": float(l_neg.detach()),
+        "l_anchor": float(l_anchor.detach()),
     }

@@ -37,6 +37,7 @@ class Scores:
     logits_pos: torch.Tensor  # [B, C] l+
     logits_neg: torch.Tensor | None  # [B, C] l- (None for zero-shot)
     p_yes: torch.Tensor | None  # [B, C] in (0, 1) (None for zero-shot)
+    text_pos: torch.Tensor | None = None  # [C, D] t+ of this pass (training's anchor loss uses it)
 
     @property
     def pred(self) -> torch.Tensor:
@@ -85,6 +86,9 @@ class DualPromptCLIP(nn.Module):
         self.prompt_pos = PromptContext(n, width, config, words)
         self.prompt_neg = PromptContext(n, width, config, words)
         self.visual = build_visual(self.clip, config).to(self.clip.logit_scale.device)
+        # t of the hand prompt, [C, D]: what the anchor loss keeps t+ close to (not saved: derived).
+        zero_shot = encode_texts(backbone, [ZERO_SHOT_TEMPLATE.format(c) for c in self.class_names])
+        self.register_buffer("zero_shot_text", zero_shot, persistent=False)
         self.to(self.clip.logit_scale.device)
 
     @property
@@ -135,7 +139,7 @@ class DualPromptCLIP(nn.Module):
         logits_pos = scale * v @ t_pos.t()  # [B, C]
         logits_neg = scale * v.detach() @ t_neg.t()  # [B, C]; sg(v): no gradient into h
         p_yes = torch.sigmoid(logits_pos.detach() - logits_neg)  # [B, C]; sg(l+): trains P- only
-        return Scores(logits_pos, logits_neg, p_yes)
+        return Scores(logits_pos, logits_neg, p_yes, t_pos)
 
     def _backbone_view(self) -> Backbone:
         # encode_images needs only the model; tokenizer/preprocess are unused there.

@@ -49,7 +49,7 @@ class TrainReport:
     steps: int
     seconds: float
     final_loss: float
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss, l_cls, l_neg
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss, l_cls, l_neg, l_anchor
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -120,11 +120,14 @@ def train(
     model_p.train()
     opt_p.zero_grad(set_to_none=True)  # gradients left by earlier work on the same model must not leak in
     for epoch in range(epochs):
-        sums = {"loss": 0.0, "l_cls": 0.0, "l_neg": 0.0}
+        sums = {"loss": 0.0, "l_cls": 0.0, "l_neg": 0.0, "l_anchor": 0.0}
         for x, y in loader_p:
             with accelerator.autocast():
                 scores = model_p(pixel_values=x) if model.needs_pixels else model_p(features=x)
-                loss, parts = dual_prompt_loss(scores, y, config.neg_weight, config.wrong_class, wrong_gen)
+                loss, parts = dual_prompt_loss(
+                    scores, y, config.neg_weight, config.wrong_class, wrong_gen,
+                    model.zero_shot_text, config.anchor_weight,
+                )  # fmt: skip
             accelerator.backward(loss)
             opt_p.step()
             sched_p.step()

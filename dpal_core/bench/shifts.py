@@ -10,7 +10,12 @@ embeddings of the shifted 4,000-image pool, evaluated on the shifted 1,000-image
 =================  ===============  =================  ======================
 shift              zero-shot clean  zero-shot shifted  linear probe (shifted)
 =================  ===============  =================  ======================
-TABLE_PLACEHOLDER
+none               0.831            0.831              –
+noise              0.831            0.683              0.757
+noise_strong       0.831            0.497              0.673  (default)
+low_contrast_noise 0.831            0.205              0.673
+rotate             0.831            0.597              0.689
+rotate_noise       0.831            0.561              0.649
 =================  ===============  =================  ======================
 
 Every shift works on uint8 arrays [N, H, W] or [N, H, W, 3] and is deterministic in its seed.
@@ -26,7 +31,9 @@ from PIL import Image
 from dpal_core.bench.data import ImageDataset, load_animal_mnist, split_animal_mnist
 from dpal_core.errors import ConfigError
 
-DEFAULT_SHIFT = "noise"
+# Gaussian noise sigma 0.35: zero-shot 5x chance, and 17 points of headroom for labels to win back.
+# sigma 0.25 ("noise") leaves only 7 points; low_contrast_noise starts at 2x chance.
+DEFAULT_SHIFT = "noise_strong"
 
 ShiftFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # float [N,H,W(,3)] in [0,1] -> same
 

@@ -79,7 +79,8 @@ def test_benchmark_writes_results_and_resumes(tmp_path, backbone, config, monkey
     assert stored["summary"]["dual_prompt"]["error_auroc_signal"] == "dual_prompt"
     assert stored["summary"]["random"]["error_auroc_signal"] == "least_confidence"
     assert "0" in stored["zero_shot"]
-    assert results["summary"] == stored["summary"]
+    # as JSON: a model with no errors has an undefined (NaN) AUROC, and NaN != NaN in a dict compare
+    assert json.dumps(results["summary"], sort_keys=True) == json.dumps(stored["summary"], sort_keys=True)
     assert (out / "curves.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     assert "| dual_prompt |" in table and "**" in table
