@@ -40,7 +40,7 @@ class Settings:
     cache_dir_override: Path | None = None  # DPAL_CACHE_DIR; use the ``cache_dir`` property
     redis_url: str | None = field(default=None, repr=False)  # REDIS_URL; None = in-process queue
     train_threshold: int = 10  # DPAL_TRAIN_THRESHOLD: new annotations that trigger a retrain
-    paradigm: str = "coop"  # DPAL_PARADIGM: coop, adapter or vpt
+    paradigm: str = "adapter"  # DPAL_PARADIGM: coop, adapter or vpt (adapter: best in dpal bench)
     device: str = "auto"  # DPAL_DEVICE: auto, cpu, cuda, cuda:N
     extra_allowed_hosts: frozenset[str] = frozenset()  # DPAL_ALLOWED_HOSTS, lower-cased
     max_image_bytes: int = 26_214_400  # DPAL_MAX_IMAGE_BYTES (25 MiB)
@@ -133,7 +133,7 @@ class Settings:
             cache_dir_override=Path(cache_dir) if cache_dir else None,
             redis_url=_parse_redis_url(get("REDIS_URL")),
             train_threshold=_parse_int(get, "DPAL_TRAIN_THRESHOLD", 10),
-            paradigm=_parse_choice(get, "DPAL_PARADIGM", "coop", PARADIGMS),
+            paradigm=_parse_choice(get, "DPAL_PARADIGM", "adapter", PARADIGMS),
             device=_parse_device(get("DPAL_DEVICE")),
             extra_allowed_hosts=_parse_hosts(get("DPAL_ALLOWED_HOSTS")),
             max_image_bytes=_parse_int(get, "DPAL_MAX_IMAGE_BYTES", 26_214_400),

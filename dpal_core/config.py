@@ -93,7 +93,7 @@ class TrainConfig:
     neg_weight: float = 1.0  # lambda in L = L_cls + lambda * L_neg
     # Anchor: + anchor_weight * mean_c ||t+_c - t_zs_c||^2, t_zs = the hand prompt's text feature
     # (KgCoOp, Yao et al. 2023). Keeps few-label prompts from forgetting what zero-shot CLIP knew.
-    anchor_weight: float = 0.0
+    anchor_weight: float = 2.0
     # random, not hardest: with cross-fitting it gives the better error detector
     # (benchmarks/results/animal-mnist/ABLATIONS.md); predictions do not depend on it.
     wrong_class: WrongClass = WrongClass.RANDOM

@@ -21,7 +21,7 @@ def test_defaults_match_docs() -> None:
     assert s.cache_dir == Path("./.dpal/models/embeddings")
     assert s.redis_url is None
     assert s.train_threshold == 10
-    assert s.paradigm == "coop"
+    assert s.paradigm == "adapter"
     assert s.device == "auto"
     assert s.extra_allowed_hosts == frozenset()
     assert s.allowed_hosts == frozenset({"localhost"})
@@ -94,8 +94,8 @@ def test_empty_values_count_as_unset() -> None:
 
 
 def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DPAL_PARADIGM", "adapter")
-    assert Settings.from_env().paradigm == "adapter"
+    monkeypatch.setenv("DPAL_PARADIGM", "coop")
+    assert Settings.from_env().paradigm == "coop"
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,8 @@ def separable_task(dim: int, n_train: int, n_test: int, noise: float, seed: int 
     return draw(n_train), draw(n_test)
 
 
-FAST = TrainConfig(optimizer="adamw", lr=0.01, epochs=40, progress=False)
+# No anchor: the tiny random CLIP's hand prompt knows nothing of these synthetic clusters.
+FAST = TrainConfig(optimizer="adamw", lr=0.01, epochs=40, progress=False, anchor_weight=0.0)
 
 
 @pytest.mark.parametrize("paradigm", ["coop", "adapter"])
@@ -86,3 +89,17 @@ def test_bad_training_data(backbone):
     with pytest.raises(ValueError, match="NaN or infinite"):
         train(model, TrainData(torch.tensor([0, 1, 2, 3]), features=feats), FAST)
     assert np.isinf(feats[1, 0].item())
+
+
+def test_anchor_keeps_the_positive_prompt_near_the_hand_prompt(backbone):
+    (xtr, ytr), _ = separable_task(backbone.embed_dim, 60, 10, noise=0.45)
+    gaps = {}
+    for weight in (0.0, 50.0):
+        torch.manual_seed(0)
+        model = DualPromptCLIP(backbone, NAMES, PromptConfig(n_ctx=4, init="words"))
+        report = train(model, TrainData(ytr, features=xtr), replace(FAST, anchor_weight=weight))
+        with torch.no_grad():
+            t_pos, _ = model.text_features()
+        gaps[weight] = float((t_pos - model.zero_shot_text).pow(2).sum(-1).mean())
+        assert (report.history[-1]["l_anchor"] > 0) == (weight > 0)
+    assert gaps[50.0] < 0.5 * gaps[0.0], gaps
