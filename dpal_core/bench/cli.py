@@ -49,12 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--paradigm", choices=[p.value for p in Paradigm], default=None)
     g.add_argument("--wrong-class", choices=[w.value for w in WrongClass], default=None)
     g.add_argument("--n-ctx", type=int, default=None, help="context vectors per prompt")
+    g.add_argument("--anchor-weight", type=float, default=None, help="pull of t+ towards the hand prompt (0 = off)")
     g.add_argument("--crossfit-folds", type=int, default=None, help="0 = plain training; >= 2 folds")
     g.add_argument("--pool-weight", type=float, default=None,
                    help="weight of cross-fitting's unlabelled-pool term (0 = labels only)")  # fmt: skip
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True, help="results folder (results.json, results.md, curves.png)")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="image-embedding cache ('' = none)")
+    g.add_argument("--jobs", type=int, default=0,
+                   help="runs in parallel processes (0 = one per CPU core on CPU, 1 on a GPU)")  # fmt: skip
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest for small models on a busy machine)")  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,6 +78,8 @@ def config_from_args(args: argparse.Namespace):
         prompt = replace(prompt, n_ctx=args.n_ctx)
     if args.wrong_class:
         train = replace(train, wrong_class=args.wrong_class)
+    if args.anchor_weight is not None:
+        train = replace(train, anchor_weight=args.anchor_weight)
     if args.crossfit_folds is not None:
         fit = replace(fit, crossfit=replace(fit.crossfit, folds=args.crossfit_folds))
     if args.pool_weight is not None:
@@ -96,6 +101,17 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def default_jobs(config) -> int:
+    """One run per CPU core on CPU (each single-threaded); one on a GPU, which parallelises itself."""
+    import os
+
+    import torch
+
+    if config.train.device != "cpu" and torch.cuda.is_available():
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``dpal bench``; returns the exit code (2 for bad settings or data)."""
     import torch
@@ -110,9 +126,11 @@ def run(args: argparse.Namespace) -> int:
     command = "dpal bench " + " ".join(shlex.quote(a) for a in argv)
     try:
         config = config_from_args(args)
+        jobs = args.jobs or default_jobs(config)
         results = run_benchmark(
-            config, args.out, cache_dir=args.cache_dir or None, command=command, progress=not args.no_progress
-        )
+            config, args.out, cache_dir=args.cache_dir or None, command=command,
+            progress=not args.no_progress, jobs=jobs,
+        )  # fmt: skip
     except DpalError as exc:
         print(f"dpal bench: {exc}", file=sys.stderr)
         return 2

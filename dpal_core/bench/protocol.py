@@ -163,6 +163,7 @@ def run_benchmark(
     cache_dir: str | Path | None = None,
     command: str | None = None,
     progress: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run every missing (strategy, seed) of ``config``; write ``<out_dir>/results.json`` and the report.
 
@@ -170,63 +171,114 @@ def run_benchmark(
         backbone: an already loaded backbone (tests); default: load ``config.backbone``.
         cache_dir: where image embeddings are cached (None: no cache).
         command: the command line that made the results, recorded for the report.
+        jobs: runs in parallel, one process each (CPU: one per core is fastest, each single-threaded).
+            With 1, results are saved after every round; with more, after every run.
     Returns:
         The results record (also written to disk), including its ``summary``.
     """
     from dpal_core.bench.report import summarize, write_report
 
+    if jobs > 1 and not cache_dir:
+        raise ConfigError("parallel runs (--jobs > 1) share the image-embedding cache; give a cache folder")
     out = Path(out_dir)
     path = out / RESULTS_FILE
     results = load_results(path, config)
     device = "cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     backbone = backbone or resolve_backbone(config.backbone, device, progress)
     meta = results.setdefault("meta", {})
+    todo = [
+        (seed, s) for seed in range(config.seeds) for s in config.strategies
+        if str(seed) not in results["runs"].get(s, {})
+    ]  # fmt: skip
+    jobs = max(1, min(jobs, len(todo)))
     meta.update(
         backbone_id=backbone.backbone_id,
         command=command or meta.get("command"),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
+        jobs=jobs,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
     )
-    todo = [
-        (seed, s) for seed in range(config.seeds) for s in config.strategies
-        if str(seed) not in results["runs"].get(s, {})
-    ]  # fmt: skip
     log.info("%d of %d runs to do (%s)", len(todo), config.seeds * len(config.strategies), path)
     bar = tqdm(total=len(todo) * config.rounds, desc="benchmark", unit="round", disable=not progress)
     cache = Path(cache_dir) if cache_dir else None
-    data: BenchData | None = None
-    for seed, strategy in todo:
-        if data is None or meta.get("_seed") != seed:
-            data = prepare_data(config.data, backbone, seed, cache, pixels=_needs_pixels(config))
-            meta.update(_seed=seed, class_names=list(data.class_names))
-            meta.update(n_pool=len(data.pool_labels), n_test=len(data.test_labels))
-            zs = ZeroShotCLIP(backbone, data.class_names)
-            results["zero_shot"][str(seed)] = evaluate(zs, data, features=data.test_features)
-        run = results["runs"].setdefault(strategy, {})
-        started = time.perf_counter()
+    data_cache: dict[int, BenchData] = {}
 
-        def save_round(record: dict[str, Any], run_rounds: list[dict[str, Any]]) -> None:
-            run[str(seed)] = {"complete": False, "rounds": run_rounds}  # noqa: B023 - called in-loop
-            write_json_atomic(path, results)
-            bar.set_postfix(strategy=strategy, seed=seed, acc=f"{record['accuracy']:.3f}")  # noqa: B023
-            bar.update(1)
+    def data_for(seed: int) -> BenchData:
+        if seed not in data_cache:
+            data_cache.clear()  # one seed's pool at a time: todo is ordered by seed
+            data_cache[seed] = prepare_data(config.data, backbone, seed, cache, pixels=_needs_pixels(config))
+            d = data_cache[seed]
+            meta.update(class_names=list(d.class_names), n_pool=len(d.pool_labels), n_test=len(d.test_labels))
+            zs = ZeroShotCLIP(backbone, d.class_names)
+            results["zero_shot"][str(seed)] = evaluate(zs, d, features=d.test_features)
+        return data_cache[seed]
 
-        rounds = run_strategy(config, backbone, data, strategy, seed, save_round)
-        run[str(seed)] = {
-            "complete": True,
-            "rounds": rounds,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+    def finish(seed: int, strategy: str, rounds: list[dict[str, Any]], seconds: float) -> None:
+        results["runs"].setdefault(strategy, {})[str(seed)] = {
+            "complete": True, "rounds": rounds, "seconds": round(seconds, 1)
+        }  # fmt: skip
         results["summary"] = summarize(results)
         write_json_atomic(path, results)
         log.info("%s seed %d: final accuracy %.3f", strategy, seed, rounds[-1]["accuracy"])
+
+    if jobs == 1:
+        for seed, strategy in todo:
+            data = data_for(seed)
+            run = results["runs"].setdefault(strategy, {})
+            started = time.perf_counter()
+
+            def save_round(record: dict[str, Any], run_rounds: list[dict[str, Any]]) -> None:
+                run[str(seed)] = {"complete": False, "rounds": run_rounds}  # noqa: B023 - called in-loop
+                write_json_atomic(path, results)
+                bar.set_postfix(strategy=strategy, seed=seed, acc=f"{record['accuracy']:.3f}")  # noqa: B023
+                bar.update(1)
+
+            rounds = run_strategy(config, backbone, data, strategy, seed, save_round)
+            finish(seed, strategy, rounds, time.perf_counter() - started)
+    else:
+        for seed in sorted({seed for seed, _ in todo}):
+            data_for(seed)  # encode (and cache) every seed's images once, here, not in each worker
+        data_cache.clear()
+        _run_parallel(config, backbone.backbone_id, todo, cache, jobs, finish, bar)
     bar.close()
-    meta.pop("_seed", None)
     results["summary"] = summarize(results)
     write_json_atomic(path, results)
     write_report(results, out)
     return results
+
+
+def _run_parallel(config, backbone_id, todo, cache, jobs, finish, bar) -> None:
+    """Run ``todo`` on ``jobs`` worker processes; ``finish`` stores each run as it completes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a fresh interpreter per worker (fork after torch's thread pools start is unsafe).
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_worker_run, config, backbone_id, seed, strategy, str(cache)): (seed, strategy)
+            for seed, strategy in todo
+        }
+        for fut in as_completed(futures):
+            seed, strategy = futures[fut]
+            rounds, seconds = fut.result()
+            finish(seed, strategy, rounds, seconds)
+            bar.set_postfix(strategy=strategy, seed=seed, acc=f"{rounds[-1]['accuracy']:.3f}")
+            bar.update(len(rounds))
+
+
+def _worker_run(config: BenchConfig, backbone_id: str, seed: int, strategy: str, cache: str):
+    """One (strategy, seed) in a worker process: load the backbone, read the cached embeddings, run."""
+    torch.set_num_threads(1)
+    logging.getLogger("dpal_core").setLevel(logging.WARNING)  # the parent logs each finished run
+    device = "cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    backbone = resolve_backbone(config.backbone, device, progress=False)
+    if backbone.backbone_id != backbone_id:
+        raise ConfigError(f"worker loaded backbone {backbone.backbone_id}, expected {backbone_id}")
+    data = prepare_data(config.data, backbone, seed, Path(cache), pixels=_needs_pixels(config))
+    started = time.perf_counter()
+    rounds = run_strategy(config, backbone, data, strategy, seed)
+    return rounds, time.perf_counter() - started
 
 
 def _needs_pixels(config: BenchConfig) -> bool:

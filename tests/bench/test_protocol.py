@@ -130,6 +130,20 @@ def test_aubc() -> None:
     assert aubc(np.array([10]), np.array([0.3])) == pytest.approx(0.3)
 
 
+def test_parallel_runs_match_serial_runs(tmp_path, backbone, tiny_clip_dir, config) -> None:
+    cfg = replace(config, backbone=str(tiny_clip_dir), strategies=("dual_prompt", "random"))
+    cache = tmp_path / "cache"
+    serial = run_benchmark(cfg, tmp_path / "serial", backbone=backbone, cache_dir=cache, progress=False)
+    parallel = run_benchmark(cfg, tmp_path / "parallel", cache_dir=cache, progress=False, jobs=2)
+    for strategy in cfg.strategies:
+        a, b = serial["runs"][strategy]["0"]["rounds"], parallel["runs"][strategy]["0"]["rounds"]
+        assert [r["queried"] for r in a] == [r["queried"] for r in b]
+        assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
+    assert parallel["meta"]["jobs"] == 2
+    with pytest.raises(ConfigError, match="cache"):
+        run_benchmark(cfg, tmp_path / "nocache", progress=False, jobs=2)
+
+
 def test_cli_arguments(folder: Path) -> None:
     from backend.cli import build_parser
     from dpal_core.bench.cli import config_from_args
@@ -137,12 +151,12 @@ def test_cli_arguments(folder: Path) -> None:
     args = build_parser().parse_args(
         ["bench", "--dataset", str(folder), "--test-split", "test", "--strategies", "random,badge",
          "--seeds", "2", "--paradigm", "adapter", "--wrong-class", "hardest", "--crossfit-folds", "0",
-         "--pool-weight", "2", "--out", "x"]
+         "--pool-weight", "2", "--jobs", "3", "--out", "x"]
     )  # fmt: skip
     cfg = config_from_args(args)
     assert cfg.strategies == ("random", "badge") and cfg.seeds == 2
     assert cfg.prompt.paradigm.value == "adapter" and cfg.train.wrong_class.value == "hardest"
-    assert cfg.fit.crossfit.folds == 0 and cfg.fit.crossfit.pool_weight == 2
+    assert cfg.fit.crossfit.folds == 0 and cfg.fit.crossfit.pool_weight == 2 and args.jobs == 3
     assert cfg.data.test_split == "test"
     all_args = build_parser().parse_args(["bench", "--out", "x"])
     assert len(config_from_args(all_args).strategies) == 9
