@@ -30,10 +30,8 @@ import re
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,8 @@ from labelstudio import (  # noqa: E402
     free_port,
     port_in_use,
 )
+from processes import Service  # noqa: E402
+from processes import spawn as start_process  # noqa: E402
 
 PROJECT_TITLE = "DPAL demo (animal-mnist)"
 REAL_CLIP = "openai/clip-vit-base-patch16"
@@ -70,65 +70,12 @@ def say(msg: str = "") -> None:
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Service:
-    """A child process in its own process group (so Ctrl-C here reaches only this script)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    _offset: int = 0
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # children left in the group (RQ work-horse)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def new_lines(self) -> list[str]:
-        """Lines appended to the log since the last call."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(self._offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self._offset += end
-        return data[:end].decode(errors="replace").splitlines()
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()[-n:]
-        except FileNotFoundError:
-            lines = []
-        return "\n".join(f"  {line}" for line in lines)
-
-
 def spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Service:
-    log_path = log_dir / f"{name}.log"
-    offset = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Service(name, proc, log_path, offset)
+    return start_process(name, cmd, env, log_dir, REPO)
+
+
+def tail(service: Service, n: int = 40) -> str:
+    return "\n".join(f"  {line}" for line in service.tail(n))
 
 
 def wait_until(what: str, check, timeout: float, services: list[Service]) -> Any:
@@ -136,7 +83,7 @@ def wait_until(what: str, check, timeout: float, services: list[Service]) -> Any
     while time.monotonic() < deadline:
         for s in services:
             if not s.alive():
-                raise RuntimeError(f"{s.name} exited ({s.proc.returncode}) while {what}:\n{s.tail()}")
+                raise RuntimeError(f"{s.name} exited ({s.proc.returncode}) while {what}:\n{tail(s)}")
         with contextlib.suppress(httpx.TransportError, ConnectionError, OSError):
             value = check()
             if value:
@@ -440,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 services,
             )
         if health["backbone"] != "ready":
-            raise RuntimeError(f"the backend could not load the backbone:\n{backend.tail()}")
+            raise RuntimeError(f"the backend could not load the backbone:\n{tail(backend)}")
         say(f"DPAL backend up at {backend_url}")
         if worker is not None:
             from redis import Redis
@@ -492,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         if ls is not None:
             say(ls.log_tail(20))
         for s in services:
-            say(f"--- {s.name} log ({s.log_path}):\n{s.tail(20)}")
+            say(f"--- {s.name} log ({s.log_path}):\n{tail(s, 20)}")
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

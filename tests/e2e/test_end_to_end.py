@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +46,7 @@ from labelstudio import (
     free_port,
     local_files_url,
 )
+from processes import Service, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -60,53 +59,14 @@ ORDER_BY_SCORE = json.dumps({"ordering": ["tasks:predictions_score"]})
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Service:
-    """A subprocess in its own process group, logging to a file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM to the group, SIGKILL after ``timeout`` seconds (and to stragglers after that)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # an RQ work-horse may outlive its parent
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            tail = ["(no log)"]
-        return f"--- last {len(tail)} lines of the {self.name} log {self.log_path}\n" + "\n".join(tail)
+def log_tail(service: Service, lines: int = 60) -> str:
+    tail = service.tail(lines) or ["(no log)"]
+    return f"--- last {len(tail)} lines of the {service.name} log {service.log_path}\n" + "\n".join(tail)
 
 
 def start_service(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Service:
     """Start ``python -m backend.cli ARGS`` (the ``dpal`` command) in a new session."""
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Service(name, proc, log_path)
+    return spawn(name, [sys.executable, "-m", "backend.cli", *args], env, log_dir, REPO_ROOT)
 
 
 def wait_for(
@@ -206,7 +166,7 @@ class Stack:
         return [self.backend, self.worker]
 
     def logs(self) -> str:
-        return "\n".join([self.backend.log_tail(), self.worker.log_tail(), self.ls.log_tail()])
+        return "\n".join([log_tail(self.backend), log_tail(self.worker), self.ls.log_tail()])
 
 
 @pytest.fixture()
@@ -417,4 +377,4 @@ def _round_trip(s: Stack) -> None:
     for service in s.services:
         text = service.log_path.read_text(errors="replace")
         for marker in ("Traceback", "--- Logging error ---"):
-            assert marker not in text, f"{marker!r} in the {service.name} log\n{service.log_tail(80)}"
+            assert marker not in text, f"{marker!r} in the {service.name} log\n{log_tail(service, 80)}"
