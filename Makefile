@@ -32,7 +32,7 @@ test-fast: setup
 	@bash scripts/test.sh -m "not slow"
 
 lint: setup
-	.venv/bin/ruff check dpal_core backend tests benchmarks
+	.venv/bin/ruff check dpal_core backend tests benchmarks scripts
 
 demo: setup labelstudio
 	@$(PY) scripts/demo.py

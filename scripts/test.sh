@@ -9,7 +9,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
-.venv/bin/ruff check dpal_core backend tests benchmarks
+.venv/bin/ruff check dpal_core backend tests benchmarks scripts
 # One BLAS/OpenMP thread per process: on 2 shared cores more threads only spin against each other.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 set +e

@@ -204,6 +204,9 @@ def test_full_job_path_in_a_worker_process_then_kill_mid_push(env, fake_ls, tmp_
     # Project A: the full path.
     first = result(url, "first")
     assert first["status"] == "published" and first["version"] == 1
+    # Cross-fitting's pool term reads only cached embeddings and fetches nothing: of the pool, only
+    # blue11.png was cached, because a labelled task shows the same image.
+    assert first["crossfit_pool"] == 1
     ann = first["annotations"]
     assert ann["skipped"] == {"cancelled_annotations": 1, "empty_annotations": 1, "unknown_label": 1}
     assert ann["unknown_labels"] == {"purple": 1}
@@ -331,6 +334,9 @@ def test_kill_mid_training_keeps_the_served_version_and_one_job_per_project(env,
     work_here(url, max_jobs=1)
     rerun = result(url, "rerun")
     assert rerun["status"] == "published" and rerun["version"] == 2
+    # Version 1's re-score cached every pool image: cross-fitting's pool term now uses all of those
+    # still unlabelled (p.pool[0] was annotated since).
+    assert rerun["crossfit_pool"] == len(p.pool) - 1
     meta = read_checkpoint_config(store.project_dir(str(p.id)) / "versions" / "2")["metadata"]
     assert meta["warm_start_from"] == 1 and meta["job_id"] == "rerun"
     assert fake_ls.project(p.id)["model_version"] == rerun["model_version"]
