@@ -12,7 +12,7 @@ help:
 	@echo "make test        run every test, end-to-end with a real Label Studio (sets itself up)"
 	@echo "make test-fast   every test but the slow end-to-end ones"
 	@echo "make demo        Label Studio + backend + worker with a demo project, no Docker"
-	@echo "make bench       the active-learning benchmark on animal-mnist (proxy backbone, ~30 min)"
+	@echo "make bench       the active-learning benchmark on animal-mnist (proxy backbone, ~15 min on 2 cores)"
 
 setup:
 	@bash scripts/setup-venv.sh

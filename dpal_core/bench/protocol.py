@@ -191,14 +191,20 @@ def run_benchmark(
         if str(seed) not in results["runs"].get(s, {})
     ]  # fmt: skip
     jobs = max(1, min(jobs, len(todo)))
+    # The table lists strategies in the order they were asked for (parallel runs finish in any order).
+    stored = results["runs"]
+    results["runs"] = {s: stored.get(s, {}) for s in config.strategies}
+    results["runs"].update((s, r) for s, r in stored.items() if s not in results["runs"])
     meta.update(
+        shift=config.data.shift_name,
         backbone_id=backbone.backbone_id,
         command=command or meta.get("command"),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
-        jobs=jobs,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
     )
+    if todo:  # a rerun that only rewrites the report keeps what the computing run recorded
+        meta["jobs"] = jobs
     log.info("%d of %d runs to do (%s)", len(todo), config.seeds * len(config.strategies), path)
     bar = tqdm(total=len(todo) * config.rounds, desc="benchmark", unit="round", disable=not progress)
     cache = Path(cache_dir) if cache_dir else None

@@ -120,7 +120,7 @@ def report_markdown(results: dict[str, Any]) -> str:
         f"Command: `{meta.get('command') or 'dpal bench'}`",
         "",
         f"Backbone `{meta.get('backbone_id', cfg.get('backbone'))}`; shift "
-        f"`{cfg.get('data', {}).get('shift') or 'default'}`; pool {meta.get('n_pool', '?')} images, "
+        f"`{meta.get('shift') or cfg.get('data', {}).get('shift') or 'default'}`; pool {meta.get('n_pool', '?')} images, "
         f"test {meta.get('n_test', '?')}; {len(n_labels)} rounds, labels {n_labels}; seeds {seeds}; "
         f"round 0 from `{cfg.get('round0')}`; prompts "
         f"{'warm-started' if cfg.get('warm_start') else 're-initialised each round'}; "
