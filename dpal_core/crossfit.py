@@ -22,7 +22,6 @@ The pool term needs cached embeddings, so the ``vpt`` paradigm uses the labelled
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,7 +32,7 @@ from dpal_core.config import CrossfitConfig, TrainConfig
 from dpal_core.losses import wrong_classes
 from dpal_core.model import DualPromptCLIP, check_features
 from dpal_core.prompts import encode_prompts
-from dpal_core.train import TrainData, TrainReport, train
+from dpal_core.train import TrainData, TrainReport, make_optimizer, train
 
 
 @dataclass(frozen=True)
@@ -53,15 +52,6 @@ def _on(data: TrainData, device: torch.device) -> TrainData:
 
 def _inputs(model: DualPromptCLIP, data: TrainData) -> dict[str, torch.Tensor]:
     return {"pixel_values": data.pixel_values} if model.needs_pixels else {"features": data.features}
-
-
-def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig, steps: int):
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    return opt, sched
 
 
 def _text(model: DualPromptCLIP, prompt: torch.nn.Module) -> torch.Tensor:
@@ -111,7 +101,7 @@ def out_of_fold_logits(
                     continue  # fewer samples than folds: this fold has nothing to fit on or to score
                 model.load_state_dict(start, strict=False)
                 x_fit = {key: x[fit] for key, x in inputs.items()}
-                opt, sched = _optimizer(params, config, steps)
+                opt, sched = make_optimizer(params, config, steps)
                 for _ in range(steps):
                     v = model.visual_features(**x_fit)
                     t_pos = _text(model, model.prompt_pos)  # [C, D]
@@ -172,7 +162,7 @@ def refine_negative(
     right = (y_hat == y[oof.rows]).float()
     lp_hat = oof.logits.gather(1, y_hat[:, None]).squeeze(1)  # [R]
     gen = torch.Generator().manual_seed(config.seed + 104729)
-    opt, sched = _optimizer(list(model.prompt_neg.parameters()), config, steps)
+    opt, sched = make_optimizer(list(model.prompt_neg.parameters()), config, steps)
     model.train()
     for _ in range(steps):
         t_neg = _text(model, model.prompt_neg)  # [C, D]

@@ -52,6 +52,19 @@ class TrainReport:
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss, l_cls, l_neg, l_anchor
 
 
+def make_optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """``config``'s optimiser (SGD with momentum, or AdamW) and a cosine decay over ``total_steps``."""
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total = max(1, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator honouring ``config.device`` and ``config.mixed_precision``."""
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
@@ -100,17 +113,8 @@ def train(
         generator=torch.Generator().manual_seed(config.seed),
     )
     epochs = config.epochs_for(len(dataset))
-    params = model.trainable_parameters()
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    opt, sched = make_optimizer(model.trainable_parameters(), config, total)
     model_p, opt_p, loader_p, sched_p = accelerator.prepare(model, opt, loader, sched)
     wrong_gen = torch.Generator().manual_seed(config.seed + 1)
     show = config.progress if config.progress is not None else sys.stderr.isatty()
