@@ -6,8 +6,9 @@ plus optional overrides. A job may carry overrides (``{"job": {...}, "prompt": {
 "train": {...}, "crossfit": {...}}``); the server never sends any, tests and benchmarks do.
 
 Cross-fitting (``CrossfitConfig``, on by default) teaches the negative prompt from out-of-fold
-mistakes and from fold models' agreement on cached pool embeddings; it is what makes ``p_clean``
-a better error detector than max-softmax in the benchmark, at about K+1 times the training cost.
+mistakes and from fold models' agreement on cached pool embeddings. In the benchmark it lifts
+``p_clean``'s error-detection AUROC from 0.65 to 0.73 (max-softmax: 0.75), at three to four times
+the training cost.
 
 Warm start vs re-initialisation: ``warm_start=False`` (default) re-initialises the prompts every
 round, PCB's protocol, so a version depends only on the annotations and the seed (re-running a job

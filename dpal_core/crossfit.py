@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from dpal_core.checkpoint import learned_state
 from dpal_core.config import CrossfitConfig, TrainConfig
-from dpal_core.losses import wrong_classes
+from dpal_core.losses import anchor_loss, negative_loss, wrong_classes
 from dpal_core.model import DualPromptCLIP, check_features
 from dpal_core.prompts import encode_prompts
 from dpal_core.train import TrainData, TrainReport, make_optimizer, train
@@ -108,8 +108,7 @@ def out_of_fold_logits(
                     l_pos = model.clip.logit_scale.exp().float() * v @ t_pos.t()  # [B, C]
                     loss = F.cross_entropy(l_pos, data.labels[fit])
                     if config.anchor_weight > 0:  # fold models train like the final one
-                        anchor = (t_pos - model.zero_shot_text).pow(2).sum(-1).mean()
-                        loss = loss + config.anchor_weight * anchor
+                        loss = loss + config.anchor_weight * anchor_loss(t_pos, model.zero_shot_text)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -176,9 +175,7 @@ def refine_negative(
             loss = loss + pool_weight * F.binary_cross_entropy_with_logits(d_pool, agree)
         diff = l_pos - scale * v @ t_neg.t()  # [N, C]
         wrong = wrong_classes(l_pos, y, config.wrong_class, gen)
-        in_sample = (
-            -F.logsigmoid(diff.gather(1, y[:, None])) - F.logsigmoid(-diff.gather(1, wrong[:, None]))
-        ).mean()
+        in_sample = negative_loss(diff, y, wrong)
         loss = loss + config.neg_weight * in_sample
         opt.zero_grad(set_to_none=True)
         loss.backward()

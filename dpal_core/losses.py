@@ -31,6 +31,22 @@ def wrong_classes(
     return draw + (draw >= labels).long()
 
 
+def negative_loss(diff: torch.Tensor, labels: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """``L_neg = mean(-log p_yes_y - log(1 - p_yes_ybar))`` from ``diff = sg(l+) - l-`` [B, C].
+
+    ``log p_yes = logsigmoid(d)`` and ``log(1 - p_yes) = logsigmoid(-d)``: stable for saturated
+    sigmoids. ``labels`` and ``wrong`` are [B] class indices.
+    """
+    d_true = diff.gather(1, labels.unsqueeze(1)).squeeze(1)
+    d_wrong = diff.gather(1, wrong.unsqueeze(1)).squeeze(1)
+    return (-F.logsigmoid(d_true) - F.logsigmoid(-d_wrong)).mean()
+
+
+def anchor_loss(text_pos: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of t+ [C, D] to the hand prompt's text features ``anchor`` [C, D]."""
+    return (text_pos - anchor).pow(2).sum(dim=-1).mean()
+
+
 def dual_prompt_loss(
     scores: Scores,
     labels: torch.Tensor,
@@ -51,17 +67,13 @@ def dual_prompt_loss(
     assert scores.p_yes is not None, "dual_prompt_loss needs a DualPromptCLIP's scores"
     l_cls = F.cross_entropy(scores.logits_pos, labels)
     wrong = wrong_classes(scores.logits_pos, labels, mode, generator)
-    # log p_yes = logsigmoid(d), log(1 - p_yes) = logsigmoid(-d): stable for saturated sigmoids.
-    diff = scores.logits_pos.detach() - scores.logits_neg  # [B, C]
-    d_true = diff.gather(1, labels.unsqueeze(1)).squeeze(1)
-    d_wrong = diff.gather(1, wrong.unsqueeze(1)).squeeze(1)
-    l_neg = (-F.logsigmoid(d_true) - F.logsigmoid(-d_wrong)).mean()
+    l_neg = negative_loss(scores.logits_pos.detach() - scores.logits_neg, labels, wrong)
     loss = l_cls + neg_weight * l_neg
     l_anchor = torch.zeros(())
     if anchor_weight > 0:
         if scores.text_pos is None or anchor is None:
             raise ValueError("the anchor loss needs the pass's positive text features and the anchor")
-        l_anchor = (scores.text_pos - anchor).pow(2).sum(dim=-1).mean()
+        l_anchor = anchor_loss(scores.text_pos, anchor)
         loss = loss + anchor_weight * l_anchor
     return loss, {
         "loss": float(loss.detach()),
